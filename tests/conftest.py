@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random models and small image folders built in the test."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ASSETS = Path(os.environ["VITSHRINK_ASSETS"]) if os.environ.get("VITSHRINK_ASSETS") else None
+
+
+def tiny_vit(**overrides) -> torch.nn.Module:
+    """A 4x4-token ViT with random weights, fast enough for any test."""
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+    args.update(overrides)
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
+
+
+@pytest.fixture
+def vit() -> torch.nn.Module:
+    return tiny_vit()
+
+
+def write_images(folder: Path, count: int, *, size: int = 40, labels: list[int] | None = None, metadata: bool = True) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        path = folder / f"img_{i:03d}.png"
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    if metadata:
+        with (folder / "metadata.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["file_name", "label"])
+            for i, path in enumerate(paths):
+                writer.writerow([path.name, (labels[i] if labels else i % 10)])
+    return paths
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    write_images(folder, 12)
+    return folder
+
+
+def needs_assets(*parts: str) -> Path:
+    """The shared asset path, or skip the test with the reason."""
+    if ASSETS is None:
+        pytest.skip("real assets not available: set VITSHRINK_ASSETS to ../shared/assets (make test does)")
+    path = ASSETS.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real asset {path} is missing")
+    return path

@@ -1,0 +1,3 @@
+from vitshrink.cli import main
+
+main()
