@@ -59,5 +59,5 @@ def bench(
     medians = [statistics.median(r) for r in rates]
     return [
         BenchRow(name, med, med / medians[0], r, params, gflops, tuple(input_size))
-        for (name, _, _, input_size, params, gflops), med, r in zip(prepared, medians, rates)
+        for (name, _, _, input_size, params, gflops), med, r in zip(prepared, medians, rates, strict=True)
     ]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -35,28 +34,28 @@ ModelArg = Annotated[
         show_default=False,
     ),
 ]
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture for a bare weights file, e.g. deit_tiny_patch16_224.")]
+ArchOpt = Annotated[str | None, typer.Option("--arch", help="Architecture for a bare weights file, e.g. deit_tiny_patch16_224.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow pickled .pth/.bin checkpoints (loaded weights-only). Only for files you trust.")]
 RandomOpt = Annotated[bool, typer.Option("--random-init", help="Build the architecture with random weights (speed does not depend on them).")]
 DataOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--data",
         help="Images: a folder (imagefolder with metadata.csv, class sub-folders, or flat), a datasets folder, "
         "a Hub dataset id, or a name: imagenet-val, imagenet-sample-dev, fashion-mnist-sample.",
     ),
 ]
-SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Dataset split (e.g. validation, test, train).")]
-ImageKeyOpt = Annotated[Optional[str], typer.Option("--image-key", help="Image column of a datasets source.")]
-LabelKeyOpt = Annotated[Optional[str], typer.Option("--label-key", help="Label column of a datasets source.")]
-NumSamplesOpt = Annotated[Optional[int], typer.Option("--num-samples", "-n", help="Use a deterministic subset of this many images.")]
+SplitOpt = Annotated[str | None, typer.Option("--split", help="Dataset split (e.g. validation, test, train).")]
+ImageKeyOpt = Annotated[str | None, typer.Option("--image-key", help="Image column of a datasets source.")]
+LabelKeyOpt = Annotated[str | None, typer.Option("--label-key", help="Label column of a datasets source.")]
+NumSamplesOpt = Annotated[int | None, typer.Option("--num-samples", "-n", help="Use a deterministic subset of this many images.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps.")]
-AmpOpt = Annotated[Optional[str], typer.Option("--amp", help="Autocast precision: bf16 or fp16 (default: fp32).")]
+AmpOpt = Annotated[str | None, typer.Option("--amp", help="Autocast precision: bf16 or fp16 (default: fp32).")]
 ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Run in channels-last memory format.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model before measuring.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Batch size for evaluation and throughput.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads (default: torch's choice).")]
-OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the report JSON here (and a .md beside it).")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads (default: torch's choice).")]
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write the report JSON here (and a .md beside it).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
@@ -69,25 +68,25 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
 ) -> None:
     """vitshrink: compress pretrained ViT, DeiT and Swin models."""
 
 
-def _settings(device: str, amp: Optional[str], channels_last: bool, compile: bool):
+def _settings(device: str, amp: str | None, channels_last: bool, compile: bool):
     from vitshrink.measure import RunSettings
 
     return RunSettings(device=device, amp=amp, channels_last=channels_last, compile=compile)
 
 
-def _load(model: str, arch: Optional[str], trust_pickle: bool, random_init: bool = False):
+def _load(model: str, arch: str | None, trust_pickle: bool, random_init: bool = False):
     from vitshrink.sources import load_model
 
     with err.status(f"Loading {model}"):
         return load_model(model, arch=arch, trust_pickle=trust_pickle, pretrained=not random_init)
 
 
-def _check_output_file(path: Optional[Path], overwrite: bool) -> None:
+def _check_output_file(path: Path | None, overwrite: bool) -> None:
     if path is None:
         return
     for p in (path, path.with_suffix(".md")):
@@ -106,7 +105,7 @@ def _write_report_file(path: Path, report: dict[str, Any], markdown: str) -> Non
 # ---------------------------------------------------------------- commands
 @app.command()
 def models(
-    all_timm: Annotated[Optional[str], typer.Option("--timm", help="Also list timm models matching this pattern, e.g. 'deit*'.")] = None,
+    all_timm: Annotated[str | None, typer.Option("--timm", help="Also list timm models matching this pattern, e.g. 'deit*'.")] = None,
 ) -> None:
     """List the short model names vitshrink understands (and timm models by pattern)."""
     from vitshrink.sources import describe_sources
@@ -151,7 +150,7 @@ def methods() -> None:
 def eval_cmd(
     model: ModelArg,
     data: DataOpt = None,
-    reference: Annotated[Optional[str], typer.Option("--reference", help="Compare predictions with this model (any model source).")] = None,
+    reference: Annotated[str | None, typer.Option("--reference", help="Compare predictions with this model (any model source).")] = None,
     split: SplitOpt = None,
     image_key: ImageKeyOpt = None,
     label_key: LabelKeyOpt = None,
@@ -271,7 +270,7 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:  # n
     return f"warning: {message}\n"
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console entry point: bad input is one line on stderr and exit code 2, never a traceback."""
     warnings.formatwarning = _format_warning
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -371,10 +371,15 @@ def readable_indices(source: ImageSource) -> tuple[list[int], list[str]]:
 
 
 def data_config(model: torch.nn.Module) -> dict[str, Any]:
-    """The model's own preprocessing settings (timm's data config)."""
+    """The model's own preprocessing settings (timm's data config), at the size the model takes now."""
     from timm.data import resolve_model_data_config
+    from timm.models._input import get_model_input_config
 
-    return resolve_model_data_config(model)
+    cfg = resolve_model_data_config(model)
+    current = tuple(get_model_input_config(model)["input_size"])
+    if current[1:] != tuple(cfg["input_size"])[1:]:  # built at another img_size than its pretrained_cfg says
+        cfg["input_size"] = current
+    return cfg
 
 
 def make_transform(model: torch.nn.Module, *, training: bool = False) -> Callable[[Image.Image], torch.Tensor]:

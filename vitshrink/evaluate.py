@@ -95,7 +95,7 @@ def evaluate(
 
     tally, ref_tally = _Tally(), _Tally()
     agree, kl_sum, skipped = 0, 0.0, 0
-    batches = zip(loader, ref_loader) if ref_loader is not None else ((b, None) for b in loader)
+    batches = zip(loader, ref_loader, strict=True) if ref_loader is not None else ((b, None) for b in loader)
     with progress_bar("Evaluating", total=len(loader), enabled=progress) as advance, torch.inference_mode():
         for (images, labels, ok), ref_batch in batches:
             skipped += int((~ok).sum())

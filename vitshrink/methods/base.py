@@ -14,8 +14,9 @@ that are stored in the output's ``config.json`` and are enough to rebuild the st
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
