@@ -265,6 +265,212 @@ def bench(
         err.print(f"Wrote {output}")
 
 
+def _parse_set(values: list[str]) -> dict[str, dict[str, Any]]:
+    """--set glad.tokens=98,49 --set dgssa.layers=0-3 -> {'glad': {'tokens': '98,49'}, ...}."""
+    import yaml
+
+    knobs: dict[str, dict[str, Any]] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        method, dot, knob = key.partition(".")
+        if not sep or not dot or not method or not knob:
+            raise VitshrinkError(f"--set '{item}' must look like method.knob=value, e.g. --set glad.tokens=98,49.")
+        try:
+            parsed = yaml.safe_load(value) if value else value
+        except yaml.YAMLError:
+            parsed = value
+        knobs.setdefault(method.strip(), {})[knob.strip()] = parsed
+    return knobs
+
+
+def _build_compress_config(args: dict[str, Any]):
+    """Recipe values first, then explicit CLI options on top, then built-in defaults."""
+    from dataclasses import fields
+
+    from vitshrink.compress import CompressConfig
+    from vitshrink.finetune import FinetuneConfig
+    from vitshrink.methods import get_method, parse_method_string
+    from vitshrink.recipes import load_recipe
+
+    recipe = load_recipe(args["recipe"]) if args["recipe"] else {}
+    method = args["method"] or recipe.get("method")
+    if not method:
+        raise VitshrinkError("Say which methods to apply: --method dgssa+glad (see `vitshrink methods`) or --recipe NAME.")
+    names = parse_method_string(method)
+    knobs: dict[str, dict[str, Any]] = {k: dict(v or {}) for k, v in (recipe.get("knobs") or {}).items()}
+    if args["method"] and recipe:  # a recipe's knobs only apply to methods still asked for
+        knobs = {k: v for k, v in knobs.items() if k in names}
+    if args["layers"] is not None:
+        for name in names:
+            if "layers" in get_method(name).defaults:
+                knobs.setdefault(name, {})["layers"] = args["layers"]
+    explicit = {
+        ("dgssa", "layers"): args["dgssa_layers"], ("glad", "layers"): args["glad_layers"],
+        ("glad", "tokens"): args["glad_tokens"], ("glad", "init"): args["glad_init"],
+        ("tome", "r"): args["tome_r"], ("dct", "keep"): args["dct_keep"], ("dct", "basis"): args["dct_basis"],
+        ("dual", "layers"): args["dual_layers"], ("dual", "tokens"): args["dual_tokens"],
+    }
+    for (name, knob), value in explicit.items():
+        if value is None:
+            continue
+        if name not in names:
+            raise VitshrinkError(f"--{name}-{knob} given but '{name}' is not in --method {method}.")
+        knobs.setdefault(name, {})[knob] = value
+    for name, values in _parse_set(args["set_"] or []).items():
+        knobs.setdefault(name, {}).update(values)
+
+    ft_values = dict(recipe.get("finetune") or {})
+    for key in ("steps", "lr", "grad_accum", "temperature", "mixed_precision", "seed"):
+        if args[key] is not None:
+            ft_values[key] = args[key]
+    if args["batch_size"] is not None:
+        ft_values["batch_size"] = args["batch_size"]
+    finetune = FinetuneConfig(**{k: v for k, v in ft_values.items() if k in {f.name for f in fields(FinetuneConfig)}})
+    calib_cfg = dict(recipe.get("calibration") or {})
+    model = args["model"] or recipe.get("model")
+    calib = args["calib"] or calib_cfg.pop("calib", None)
+    if not model:
+        raise VitshrinkError("Say which model to compress: vitshrink compress MODEL --method ... (see `vitshrink models`).")
+    if not calib:
+        raise VitshrinkError("Say which images to calibrate on: --calib FOLDER or a name such as imagenet-val.")
+    for key in ("num_calib", "eval_fraction", "analysis_images", "num_eval", "eval_data", "bench_batch_size", "bench_rounds"):
+        if args.get(key) is not None:
+            calib_cfg[key] = args[key]
+    return CompressConfig(
+        model=model, method=method, calib=calib, knobs=knobs, calib_split=args["split"], image_key=args["image_key"],
+        label_key=args["label_key"], finetune=finetune, output=args["output"], overwrite=args["overwrite"],
+        resume=args["resume"], arch=args["arch"], trust_pickle=args["trust_pickle"], speed=not args["no_speed"],
+        **{k: v for k, v in calib_cfg.items() if v is not None},
+    )
+
+
+@app.command()
+def compress(
+    model: Annotated[str | None, typer.Argument(help="The model to compress (any model source; see `vitshrink eval --help`). May come from --recipe.", show_default=False)] = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Methods joined by '+', applied in order: dgssa, glad, tome, dct, dual (see `vitshrink methods`).")] = None,
+    recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="A recipe name (recipes/NAME.yaml) or YAML path: method, knobs, fine-tune settings. Options given here override it.")] = None,
+    calib: Annotated[str | None, typer.Option("--calib", help="Calibration images (any data source; labels not needed). Part of them is held out for evaluation unless --eval-data is given.")] = None,
+    eval_data: Annotated[str | None, typer.Option("--eval-data", help="Held-out evaluation images (default: the part of --calib not used for training).")] = None,
+    eval_fraction: Annotated[float | None, typer.Option("--eval-fraction", help="Share of --calib held out for evaluation when --eval-data is not given [default: 0.5].")] = None,
+    num_calib: Annotated[int | None, typer.Option("--num-calib", help="Calibration/training images to use (deterministic subset) [default: all].")] = None,
+    num_eval: Annotated[int | None, typer.Option("--num-eval", help="Held-out images to evaluate on [default: all].")] = None,
+    analysis_images: Annotated[int | None, typer.Option("--analysis-images", help="Images for the attention analysis and initialisation [default: 64].")] = None,
+    layers: Annotated[str | None, typer.Option("--layers", help="Blocks for every method with a 'layers' knob: 'auto' (from the analysis), or e.g. '0-3' / '6,9'.")] = None,
+    dgssa_layers: Annotated[str | None, typer.Option("--dgssa-layers", help="dgssa: blocks whose attention becomes static ('auto' or e.g. 0-3).")] = None,
+    glad_layers: Annotated[str | None, typer.Option("--glad-layers", help="glad: blocks before which tokens are reduced ('auto' or e.g. 6,9).")] = None,
+    glad_tokens: Annotated[str | None, typer.Option("--glad-tokens", help="glad: patch tokens kept per stage, e.g. 98,49.")] = None,
+    glad_init: Annotated[str | None, typer.Option("--glad-init", help="glad: pool or pca.")] = None,
+    tome_r: Annotated[str | None, typer.Option("--tome-r", help="tome: tokens merged per block (int, fraction, or 'auto').")] = None,
+    dct_keep: Annotated[str | None, typer.Option("--dct-keep", "--keep", help="dct: share tau of channels kept, e.g. 0.5 (or one per layer: 0.75,0.5,...).")] = None,
+    dct_basis: Annotated[str | None, typer.Option("--dct-basis", "--basis", help="dct: dct, pca (calibration tokens) or svd (weights).")] = None,
+    dual_layers: Annotated[str | None, typer.Option("--dual-layers", help="dual: blocks that get the dual pathway.")] = None,
+    dual_tokens: Annotated[int | None, typer.Option("--dual-tokens", help="dual: semantic tokens M (a square, e.g. 49 or 16).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any knob: method.knob=value (repeatable), e.g. --set glad.bias=false.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=0, help="Fine-tune optimizer steps; 0 skips the fine-tune [default: 300].")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (AdamW, cosine) [default: 1e-4].")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Fine-tune batch size per process [default: 32].")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Gradient accumulation steps [default: 1].")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="Distillation temperature [default: 2].")] = None,
+    mixed_precision: Annotated[str | None, typer.Option("--mixed-precision", help="auto (bf16 where the GPU supports it), no, bf16, fp16.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for data order and splits [default: 0].")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder [default: out/<model>-<methods>].")] = None,
+    overwrite: OverwriteOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted fine-tune from its last saved state.")] = False,
+    no_speed: Annotated[bool, typer.Option("--no-speed", help="Skip the throughput comparison.")] = False,
+    bench_batch_size: Annotated[int | None, typer.Option("--bench-batch-size", help="Batch size of the throughput comparison [default: 32].")] = None,
+    bench_rounds: Annotated[int | None, typer.Option("--bench-rounds", help="Interleaved rounds of the throughput comparison [default: 10].")] = None,
+    split: SplitOpt = None,
+    image_key: ImageKeyOpt = None,
+    label_key: LabelKeyOpt = None,
+    threads: ThreadsOpt = None,
+    arch: ArchOpt = None,
+    trust_pickle: TrustOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compress a model: analyse attention, rewrite with the methods, distil from the original, evaluate, save.
+
+    Writes OUTPUT/config.json + model.safetensors (load with vitshrink.load or any command's MODEL),
+    report.json, report.md and the analysis plot.
+    """
+    from vitshrink.compress import compress as run_compress
+    from vitshrink.measure import threads as set_threads
+
+    config = _build_compress_config(dict(locals()))
+    with set_threads(threads):
+        result = run_compress(config, progress=not quiet)
+    _print_compress(result.report)
+    if result.output is not None:
+        out.print(f"Wrote [bold]{result.output}[/] (config.json, model.safetensors, report.json, report.md)")
+
+
+def _print_compress(report: dict[str, Any]) -> None:
+    from vitshrink.report import METRICS, _fmt
+
+    table = Table(title=f"{report['model']['source']} with {'+'.join(m['name'] for m in report['methods'])}")
+    table.add_column("metric")
+    table.add_column("original", justify="right")
+    table.add_column("compressed", justify="right")
+    cols = []
+    for key in ("original", "compressed"):
+        part = report.get(key, {})
+        cols.append({**part.get("accuracy", {}), **part.get("cost", {}), **part.get("throughput", {})})
+    for key, label, kind in METRICS:
+        if cols[0].get(key) is not None or cols[1].get(key) is not None:
+            table.add_row(label, _fmt(cols[0].get(key), kind), _fmt(cols[1].get(key), kind))
+    out.print(table)
+    if report.get("speed"):
+        out.print(f"Speed-up: [bold]{report['speed']['ratio']:.2f}x[/] throughput (batch {report['speed']['batch_size']}, same run)")
+
+
+@app.command()
+def analyze(
+    model: ModelArg,
+    calib: Annotated[str, typer.Option("--calib", help="Calibration images (any data source).")],
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, help="Images to analyse.")] = 64,
+    split: SplitOpt = None,
+    image_key: ImageKeyOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for analysis.json and analysis.png [default: out/<model>-analysis].")] = None,
+    overwrite: OverwriteOpt = False,
+    batch_size: BatchOpt = 32,
+    threads: ThreadsOpt = None,
+    arch: ArchOpt = None,
+    trust_pickle: TrustOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Per-layer attention statistics: similarity across images and effective rank; suggests layers."""
+    import re
+
+    import torch
+
+    from vitshrink.analysis import analyze_attention
+    from vitshrink.checkpoint import atomic_dir
+    from vitshrink.data import load_images, resolve_data
+    from vitshrink.measure import threads as set_threads
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", model.rstrip("/").split("/")[-1].split(":")[-1]).strip("-")
+    folder = output or Path("out") / f"{name}-analysis"
+    from vitshrink.checkpoint import check_output_dir
+
+    check_output_dir(folder, overwrite=overwrite)
+    net = _load(model, arch, trust_pickle)
+    source = resolve_data(calib, split=split, image_key=image_key, num_samples=num_samples)
+    images, _ = load_images(source, net)
+    with set_threads(threads), torch.inference_mode():
+        analysis = analyze_attention(net, images, batch_size=batch_size, progress=not quiet)
+    suggested = analysis.suggest_layers()
+    table = Table(title=f"Attention analysis of {model} on {len(images)} images")
+    for col in ("block", "similarity", "eff. rank", "rank / N", "suggested"):
+        table.add_column(col, justify="right")
+    for stats in analysis.layers:
+        mark = ", ".join(k for k, v in suggested.items() if stats.index in v)
+        table.add_row(str(stats.index), f"{stats.similarity:.3f}", f"{stats.effective_rank:.1f}",
+                      f"{stats.effective_rank_fraction:.3f}", mark)
+    out.print(table)
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        analysis.save(tmp, suggested)
+    out.print(f"Wrote {folder / 'analysis.json'} and {folder / 'analysis.png'}")
+
+
 # ---------------------------------------------------------------- entry point
 def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
     return f"warning: {message}\n"

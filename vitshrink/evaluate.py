@@ -78,6 +78,8 @@ def evaluate(
     num_classes = getattr(model, "num_classes", None)
     if num_classes:
         source.check_labels(num_classes)
+    if accelerator is not None and accelerator.num_processes > 1:  # exact sharding: image i -> process i % n
+        source = source.subset(range(accelerator.process_index, len(source), accelerator.num_processes))
     dataset = make_dataset(source, model)
     loader = make_loader(dataset, batch_size=batch_size, workers=workers)
     ref_loader = None
@@ -89,9 +91,8 @@ def evaluate(
     model = settings.prepare(model)
     ref = settings.prepare(reference) if reference is not None else None
     if accelerator is not None:
-        loader = accelerator.prepare_data_loader(loader)
-        ref_loader = accelerator.prepare_data_loader(ref_loader) if ref_loader is not None else None
-        device = accelerator.device
+        device = str(accelerator.device)
+        model, ref = model.to(device), (ref.to(device) if ref is not None else None)
 
     tally, ref_tally = _Tally(), _Tally()
     agree, kl_sum, skipped = 0, 0.0, 0
