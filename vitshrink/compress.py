@@ -138,14 +138,10 @@ def compress(config: CompressConfig, *, progress: bool = True) -> CompressResult
     # 3. rewrite
     student = copy.deepcopy(teacher)
     ctx = CalibrationContext(images=calib_images, analysis=analysis, batch_size=config.eval_batch_size)
-    applied: list[dict[str, Any]] = []
-    for name, method in zip(names, methods, strict=True):
-        params = method.resolve(student, dict(config.knobs.get(name, {})), analysis)
-        with torch.no_grad():
-            method.apply(student, params, ctx)
-        applied.append({"name": name, "params": params})
-        _log(show, f"Applied [bold]{name}[/]: {params}")
-    feature_layers = sorted({i for m, a in zip(methods, applied, strict=True) for i in m.distill_layers(a["params"])})
+    applied = apply_methods(student, names, config.knobs, ctx)
+    for entry in applied:
+        _log(show, f"Applied [bold]{entry['name']}[/]: {entry['params']}")
+    feature_layers = sorted({i for entry in applied for i in get_method(entry["name"]).distill_layers(entry["params"])})
 
     # 4. distillation fine-tune
     ft_result = None
@@ -196,6 +192,22 @@ def compress(config: CompressConfig, *, progress: bool = True) -> CompressResult
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return CompressResult(written, report, student)
+
+
+def apply_methods(
+    model: nn.Module, names: list[str], knobs: dict[str, dict[str, Any]], ctx: CalibrationContext | None
+) -> list[dict[str, Any]]:
+    """Resolve and apply each method in order; returns ``[{"name", "params"}]`` as saved in config.json."""
+    applied: list[dict[str, Any]] = []
+    analysis = ctx.analysis if ctx is not None else None
+    for name in names:
+        method = get_method(name)
+        method.check(model)
+        params = method.resolve(model, dict(knobs.get(name, {})), analysis)
+        with torch.no_grad():
+            method.apply(model, params, ctx)
+        applied.append({"name": name, "params": params})
+    return applied
 
 
 def _split_data(config: CompressConfig, source: ImageSource) -> tuple[ImageSource, ImageSource]:
