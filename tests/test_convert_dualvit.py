@@ -84,3 +84,16 @@ def test_missing_keys_named(model: torch.nn.Module, tmp_path: Path) -> None:
 def test_missing_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(VitshrinkError, match="does not exist"):
         convert_dualvit(tmp_path / "nope.pth.tar", tmp_path / "out", trust_pickle=True)
+
+
+def test_cli_convert(official: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from vitshrink.cli import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["convert", "dualvit", str(official), str(tmp_path / "cli")])
+    assert refused.value.code == 2 and "--trust-pickle" in capsys.readouterr().err
+    main(["convert", "dualvit", str(official), str(tmp_path / "cli"), "--trust-pickle"])
+    assert (tmp_path / "cli" / "model.safetensors").is_file()
+    with pytest.raises(SystemExit) as bad_family:
+        main(["convert", "resnet", str(official), str(tmp_path / "x")])
+    assert bad_family.value.code == 2 and "supported: dualvit" in capsys.readouterr().err

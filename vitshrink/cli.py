@@ -471,6 +471,28 @@ def analyze(
     out.print(f"Wrote {folder / 'analysis.json'} and {folder / 'analysis.png'}")
 
 
+@app.command()
+def convert(
+    family: Annotated[str, typer.Argument(help="Checkpoint family: dualvit.", show_default=False)],
+    checkpoint: Annotated[Path, typer.Argument(help="The official checkpoint (e.g. dualvit_s.pth.tar).", show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(help="Output folder (timm's Hub layout: config.json + model.safetensors).", show_default=False)],
+    variant: Annotated[str | None, typer.Option("--variant", help="s, b, l (or dualvit_s.in1k_384); detected from the weights when left out.")] = None,
+    trust_pickle: TrustOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Convert an official checkpoint into a safetensors folder that timm and vitshrink load."""
+    if family != "dualvit":
+        raise VitshrinkError(f"Unknown checkpoint family '{family}': supported: dualvit.")
+    from vitshrink.convert import convert_dualvit
+
+    if not checkpoint.is_file():
+        raise VitshrinkError(f"Checkpoint '{checkpoint}' does not exist.")
+    with err.status(f"Converting {checkpoint}"):
+        folder = convert_dualvit(checkpoint, out_dir, variant=variant, trust_pickle=trust_pickle, overwrite=overwrite)
+    out.print(f"Wrote [bold]{folder}[/] (config.json, model.safetensors): load it with `vitshrink eval {folder}` "
+              f"or timm.create_model('local-dir:{folder}') after `import vitshrink.models`.")
+
+
 # ---------------------------------------------------------------- entry point
 def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
     return f"warning: {message}\n"
