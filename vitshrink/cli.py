@@ -493,6 +493,11 @@ def convert(
               f"or timm.create_model('local-dir:{folder}') after `import vitshrink.models`.")
 
 
+from vitshrink.cli_publish import register as _register_publish  # noqa: E402
+
+_register_publish(app)
+
+
 # ---------------------------------------------------------------- entry point
 def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
     return f"warning: {message}\n"
