@@ -153,45 +153,46 @@ class AttentionAnalysis:
         self.plot(directory / "analysis.png", chosen)
 
     def plot(self, path: str | Path, chosen: dict[str, list[int]] | None = None) -> None:
-        """Per-layer similarity and effective-rank fraction, chosen layers marked."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        """Per-layer similarity and effective-rank fraction, chosen layers marked (Agg, no pyplot)."""
+        from matplotlib.figure import Figure
 
         idx = [s.index for s in self.layers]
-        fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(idx) + 2.0), 3.6), dpi=120)
-        try:
-            ax.plot(idx, [s.similarity for s in self.layers], "o-", label="similarity across images")
-            ax.plot(idx, [s.effective_rank_fraction for s in self.layers], "s-", label="effective rank / N")
-            colors = {"dgssa": "tab:green", "glad": "tab:red"}
-            for name, layers in (chosen or {}).items():
-                for n, layer in enumerate(layers):
-                    ax.axvspan(
-                        layer - 0.4,
-                        layer + 0.4,
-                        color=colors.get(name, "tab:gray"),
-                        alpha=0.15,
-                        label=name if n == 0 else None,
-                    )
-            ax.set_xlabel("block")
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_xticks(idx)
-            ax.set_title(f"Attention statistics ({self.num_images} images, N={self.num_tokens})")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            fig.savefig(path)
-        finally:
-            plt.close(fig)
+        fig = Figure(figsize=(max(5.0, 0.45 * len(idx) + 2.0), 3.6), dpi=120)
+        ax = fig.subplots()
+        ax.plot(idx, [s.similarity for s in self.layers], "o-", label="similarity across images")
+        ax.plot(idx, [s.effective_rank_fraction for s in self.layers], "s-", label="effective rank / N")
+        colors = {"dgssa": "tab:green", "glad": "tab:red"}
+        for name, layers in (chosen or {}).items():
+            for n, layer in enumerate(layers):
+                ax.axvspan(
+                    layer - 0.4,
+                    layer + 0.4,
+                    color=colors.get(name, "tab:gray"),
+                    alpha=0.15,
+                    label=name if n == 0 else None,
+                )
+        ax.set_xlabel("block")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xticks(idx)
+        ax.set_title(f"Attention statistics ({self.num_images} images, N={self.num_tokens})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path)
 
 
 def _is_swin(model: nn.Module) -> bool:
     return "swin" in type(model).__name__.lower()
 
 
-def vit_attention_blocks(model: nn.Module, what: str = "attention analysis") -> list[nn.Module]:
-    """The ``attn`` module of every block of a timm ViT/DeiT, or a clear :class:`VitshrinkError`."""
+def vit_attention_blocks(
+    model: nn.Module, what: str = "attention analysis", layers: list[int] | None = None
+) -> dict[int, nn.Module]:
+    """Block index -> timm ``Attention`` of the given blocks (default: all), or a clear error.
+
+    Only timm's plain ``Attention`` qualifies (exact type: subclasses rewritten by other methods
+    change the q/k/v layout).
+    """
     from timm.layers import Attention
 
     from vitshrink.methods.base import vit_blocks
@@ -202,16 +203,16 @@ def vit_attention_blocks(model: nn.Module, what: str = "attention analysis") -> 
             "with no global token sequence; pick a ViT/DeiT model."
         )
     blocks = vit_blocks(model)
-    attns = []
-    for i, block in enumerate(blocks):
-        attn = getattr(unwrap_block(block), "attn", None)
-        if not isinstance(attn, Attention):
+    attns: dict[int, nn.Module] = {}
+    for i in range(len(blocks)) if layers is None else layers:
+        attn = getattr(unwrap_block(blocks[i]), "attn", None)
+        if type(attn) is not Attention:
             raise VitshrinkError(
                 f"{what}: block {i} of {type(model).__name__} has attention "
-                f"{type(attn).__name__}, not timm's plain Attention; only ViT/DeiT-style models are "
-                "supported."
+                f"{type(attn).__name__}, not timm's plain Attention; only ViT/DeiT-style blocks that no "
+                "other method has rewritten are supported."
             )
-        attns.append(attn)
+        attns[i] = attn
     return attns
 
 
@@ -250,9 +251,8 @@ class _LayerAccumulator:
     def add(self, maps: torch.Tensor, rank_left: int) -> None:
         maps = maps.detach()
         tokens = maps.shape[-1]
-        m64 = maps.double()
-        batch_sum = m64.sum(dim=0)
-        batch_dev = ((m64 - 1.0 / tokens) ** 2).sum(dim=(-2, -1)).sum(dim=0)
+        batch_sum = maps.sum(dim=0).double()  # per-batch sums in fp32, running sums in fp64
+        batch_dev = ((maps - 1.0 / tokens) ** 2).sum(dim=(-2, -1)).double().sum(dim=0)
         if self.sum is None:
             self.sum, self.dev_u = batch_sum, batch_dev
         else:
@@ -312,7 +312,7 @@ def _run_with_attention_hooks(
     progress: bool,
     what: str,
 ) -> dict[int, _LayerAccumulator]:
-    attns = vit_attention_blocks(model, what)
+    attns = vit_attention_blocks(model, what, layers)
     accs = {i: _LayerAccumulator() for i in layers}
     state = {"rank_left": 0}
     handles = []

@@ -132,7 +132,7 @@ class Dgssa(Method):
     }
 
     def check(self, model: nn.Module) -> None:
-        vit_attention_blocks(model, "dgssa")
+        vit_attention_blocks(model, "dgssa", [])  # ViT/DeiT (the chosen blocks are checked later)
         base_num_patches(model)
 
     def resolve(self, model: nn.Module, knobs: dict[str, Any], analysis: Any | None) -> dict[str, Any]:
@@ -158,11 +158,13 @@ class Dgssa(Method):
         assert isinstance(layers, list)
         if not layers:
             raise VitshrinkError("dgssa layers is empty: give at least one block index.")
-        attns = vit_attention_blocks(model, "dgssa")
+        attns = vit_attention_blocks(model, "dgssa", layers)
+        counts = block_token_counts(model)
         return {
             "layers": [int(i) for i in layers],
             "num_tokens": int(getattr(model, "num_prefix_tokens", 0)) + base_num_patches(model),
-            "num_heads": int(attns[0].num_heads),
+            "num_heads": int(attns[layers[0]].num_heads),
+            "layer_tokens": [counts[i] for i in layers],
         }
 
     def apply(self, model: nn.Module, params: dict[str, Any], ctx: CalibrationContext | None) -> None:
@@ -181,7 +183,13 @@ class Dgssa(Method):
                 "create the model with the input size it was compressed at."
             )
         counts = block_token_counts(model)
-        attns = vit_attention_blocks(model, "dgssa")
+        layer_tokens = params.get("layer_tokens")
+        if layer_tokens is not None and [int(n) for n in layer_tokens] != [counts[i] for i in layers]:
+            raise VitshrinkError(
+                f"dgssa was built for {list(layer_tokens)} tokens at blocks {layers} but they now receive "
+                f"{[counts[i] for i in layers]}: apply the methods in the order they were compressed with."
+            )
+        attns = vit_attention_blocks(model, "dgssa", layers)
         for i in layers:
             if attns[i].num_heads != int(params.get("num_heads", attns[i].num_heads)):
                 raise VitshrinkError(
@@ -202,4 +210,7 @@ class Dgssa(Method):
             unwrap_block(blocks[i]).attn = new
 
     def distill_layers(self, params: dict[str, Any]) -> list[int]:
-        return [int(i) for i in params["layers"]]
+        """The static blocks, except those behind a GLAD stage (their outputs have fewer tokens)."""
+        layers = [int(i) for i in params["layers"]]
+        tokens = params.get("layer_tokens") or [params.get("num_tokens")] * len(layers)
+        return [i for i, n in zip(layers, tokens, strict=True) if n == params.get("num_tokens")]

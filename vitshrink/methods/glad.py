@@ -215,6 +215,17 @@ def _parse_tokens(value: Any) -> list[int] | None:
         ) from None
 
 
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"true", "1", "yes", "on"}:
+        return True
+    if text in {"false", "0", "no", "off"}:
+        return False
+    raise VitshrinkError(f"glad bias={value!r} must be true or false.")
+
+
 def fallback_layers(depth: int, stages: int) -> list[int]:
     """Default stage positions without analysis: evenly in the second half (12 blocks, 2 stages: 6, 9)."""
     half = depth // 2
@@ -254,6 +265,11 @@ class Glad(Method):
         _check_not_swin(model)
         vit_blocks(model)
         base_num_patches(model)
+        if hasattr(model, "_tome_state"):
+            raise VitshrinkError(
+                "glad cannot be combined with tome: token merging already changes the token count "
+                "in every block. Use one of them."
+            )
 
     def resolve(self, model: nn.Module, knobs: dict[str, Any], analysis: Any | None) -> dict[str, Any]:
         self.check(model)
@@ -313,7 +329,7 @@ class Glad(Method):
             "layers": [int(i) for i in layers],
             "tokens": resolved,
             "init": init,
-            "bias": bool(p["bias"]),
+            "bias": _as_bool(p["bias"]),
             "num_patches": base_num_patches(model),
         }
 
@@ -350,7 +366,7 @@ class Glad(Method):
             n = counts[layer] - prefix
             if not 1 <= m < n:
                 raise VitshrinkError(f"glad: block {layer} receives {n} patch tokens, cannot keep {m}.")
-            reduce = TokenReduce(prefix, n, m, dim, bool(params.get("bias", True)), ref.device, ref.dtype)
+            reduce = TokenReduce(prefix, n, m, dim, _as_bool(params.get("bias", True)), ref.device, ref.dtype)
             stage = GladStage(reduce, block)
             blocks[layer] = stage
             counts = block_token_counts(model)
