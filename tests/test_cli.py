@@ -11,17 +11,9 @@ import pytest
 from timm.models._hub import save_for_hf
 
 from tests.conftest import tiny_vit
-from vitshrink.cli import main
+from tests.helpers.cli import run_cli
 
-
-def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+run = run_cli
 
 
 @pytest.fixture

@@ -149,19 +149,14 @@ def test_onnx_without_packages_names_the_extra(folders: dict[str, Path], tmp_pat
 
 
 def test_cli_export(folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from vitshrink.cli import app, main
+    from tests.helpers.cli import run_cli
+    from vitshrink.cli import app
     from vitshrink.cli_publish import register
 
     register(app)
 
     def run(args: list[str]) -> tuple[int, str, str]:
-        try:
-            main(args)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
+        return run_cli(args, capsys)
 
     output = tmp_path / "tome.pt2"
     code, out, err = run(["export", str(folders["tome"]), "--format", "exported-program", "--output", str(output)])

@@ -315,19 +315,14 @@ def test_push_calls_the_hub_api(tome_out: tuple[Path, torch.nn.Module], monkeypa
 
 # ---------------------------------------------------------------- command line
 def _run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    from vitshrink.cli import app, main
+    from tests.helpers.cli import run_cli
+    from vitshrink.cli import app
     from vitshrink.cli_publish import register
 
     register(app)
     register(app)  # idempotent
     assert sum(1 for c in app.registered_commands if c.name == "push") == 1
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(args, capsys)
 
 
 def test_cli_push(tome_out: tuple[Path, torch.nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture,
