@@ -29,9 +29,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check vitshrink tests benchmarks
 
 demo: $(STAMP)
-	$(VENV)/bin/vitshrink eval vitshrink:fashion-vit --data fashion-mnist-sample --reference vitshrink:fashion-vit \
-		--output $(DEMO_OUT)/eval.json --overwrite --runs 5
-	$(VENV)/bin/vitshrink bench vitshrink:fashion-vit deit_tiny --random-init --rounds 5 --batch-size 16
+	$(VENV)/bin/vitshrink compress vitshrink:fashion-vit --recipe fashion-vit \
+		--calib fashion-mnist-sample --split train --eval-data fashion-mnist-sample \
+		--output $(DEMO_OUT)/fashion-vit-dgssa-glad --overwrite
+	$(VENV)/bin/vitshrink eval $(DEMO_OUT)/fashion-vit-dgssa-glad --data fashion-mnist-sample \
+		--reference vitshrink:fashion-vit --output $(DEMO_OUT)/eval.json --overwrite --runs 5
+	$(VENV)/bin/vitshrink bench vitshrink:fashion-vit $(DEMO_OUT)/fashion-vit-dgssa-glad --batch-size 64 --rounds 5 \
+		--output $(DEMO_OUT)/bench.json --overwrite
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

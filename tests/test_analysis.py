@@ -14,6 +14,7 @@ from vitshrink.analysis import (
     analyze_attention,
     effective_rank,
     mean_attention,
+    vit_attention_blocks,
 )
 from vitshrink.errors import VitshrinkError
 
@@ -90,20 +91,12 @@ def test_no_class_token_and_distilled_models() -> None:
     assert d.num_prefix_tokens == 2 and d.num_tokens == 66
 
 
-def test_swin_is_rejected_clearly() -> None:
-    swin = timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=4,
-        window_size=4,
-        embed_dim=24,
-        depths=(1, 1),
-        num_heads=(1, 2),
-        num_classes=10,
-    )
+def test_swin_is_rejected_clearly_by_vit_only_helpers() -> None:
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4,
+                             window_size=4, embed_dim=24, depths=(1, 1), num_heads=(1, 2), num_classes=10)
     with pytest.raises(VitshrinkError, match="ViT/DeiT only"):
-        analyze_attention(swin, torch.randn(8, 3, 32, 32))
+        vit_attention_blocks(swin, "dgssa")
+    assert analyze_attention(swin, torch.randn(8, 3, 32, 32), rank_images=1).windowed  # see test_analysis_swin.py
 
 
 def test_effective_rank_extremes() -> None:

@@ -351,10 +351,10 @@ def compress(
     recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="A recipe name (recipes/NAME.yaml) or YAML path: method, knobs, fine-tune settings. Options given here override it.")] = None,
     calib: Annotated[str | None, typer.Option("--calib", help="Calibration images (any data source; labels not needed). Part of them is held out for evaluation unless --eval-data is given.")] = None,
     eval_data: Annotated[str | None, typer.Option("--eval-data", help="Held-out evaluation images (default: the part of --calib not used for training).")] = None,
-    eval_fraction: Annotated[float | None, typer.Option("--eval-fraction", help="Share of --calib held out for evaluation when --eval-data is not given [default: 0.5].")] = None,
-    num_calib: Annotated[int | None, typer.Option("--num-calib", help="Calibration/training images to use (deterministic subset) [default: all].")] = None,
-    num_eval: Annotated[int | None, typer.Option("--num-eval", help="Held-out images to evaluate on [default: all].")] = None,
-    analysis_images: Annotated[int | None, typer.Option("--analysis-images", help="Images for the attention analysis and initialisation [default: 64].")] = None,
+    eval_fraction: Annotated[float | None, typer.Option("--eval-fraction", help="Share of --calib held out for evaluation when --eval-data is not given (default: 0.5).")] = None,
+    num_calib: Annotated[int | None, typer.Option("--num-calib", help="Calibration/training images to use (deterministic subset) (default: all).")] = None,
+    num_eval: Annotated[int | None, typer.Option("--num-eval", help="Held-out images to evaluate on (default: all).")] = None,
+    analysis_images: Annotated[int | None, typer.Option("--analysis-images", help="Images for the attention analysis and initialisation (default: 64).")] = None,
     layers: Annotated[str | None, typer.Option("--layers", help="Blocks for every method with a 'layers' knob: 'auto' (from the analysis), or e.g. '0-3' / '6,9'.")] = None,
     dgssa_layers: Annotated[str | None, typer.Option("--dgssa-layers", help="dgssa: blocks whose attention becomes static ('auto' or e.g. 0-3).")] = None,
     glad_layers: Annotated[str | None, typer.Option("--glad-layers", help="glad: blocks before which tokens are reduced ('auto' or e.g. 6,9).")] = None,
@@ -366,19 +366,19 @@ def compress(
     dual_layers: Annotated[str | None, typer.Option("--dual-layers", help="dual: blocks that get the dual pathway.")] = None,
     dual_tokens: Annotated[int | None, typer.Option("--dual-tokens", help="dual: semantic tokens M (a square, e.g. 49 or 16).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any knob: method.knob=value (repeatable), e.g. --set glad.bias=false.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", min=0, help="Fine-tune optimizer steps; 0 skips the fine-tune [default: 300].")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (AdamW, cosine) [default: 1e-4].")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Fine-tune batch size per process [default: 32].")] = None,
-    grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Gradient accumulation steps [default: 1].")] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", help="Distillation temperature [default: 2].")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=0, help="Fine-tune optimizer steps; 0 skips the fine-tune (default: 300).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (AdamW, cosine) (default: 1e-4).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Fine-tune batch size per process (default: 32).")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Gradient accumulation steps (default: 1).")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="Distillation temperature (default: 2).")] = None,
     mixed_precision: Annotated[str | None, typer.Option("--mixed-precision", help="auto (bf16 where the GPU supports it), no, bf16, fp16.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed for data order and splits [default: 0].")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder [default: out/<model>-<methods>].")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for data order and splits (default: 0).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder (default: out/<model>-<methods>).")] = None,
     overwrite: OverwriteOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted fine-tune from its last saved state.")] = False,
     no_speed: Annotated[bool, typer.Option("--no-speed", help="Skip the throughput comparison.")] = False,
-    bench_batch_size: Annotated[int | None, typer.Option("--bench-batch-size", help="Batch size of the throughput comparison [default: 32].")] = None,
-    bench_rounds: Annotated[int | None, typer.Option("--bench-rounds", help="Interleaved rounds of the throughput comparison [default: 10].")] = None,
+    bench_batch_size: Annotated[int | None, typer.Option("--bench-batch-size", help="Batch size of the throughput comparison (default: 32).")] = None,
+    bench_rounds: Annotated[int | None, typer.Option("--bench-rounds", help="Interleaved rounds of the throughput comparison (default: 10).")] = None,
     split: SplitOpt = None,
     image_key: ImageKeyOpt = None,
     label_key: LabelKeyOpt = None,
@@ -429,7 +429,7 @@ def analyze(
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, help="Images to analyse.")] = 64,
     split: SplitOpt = None,
     image_key: ImageKeyOpt = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for analysis.json and analysis.png [default: out/<model>-analysis].")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for analysis.json and analysis.png (default: out/<model>-analysis).")] = None,
     overwrite: OverwriteOpt = False,
     batch_size: BatchOpt = 32,
     threads: ThreadsOpt = None,
@@ -496,6 +496,10 @@ def convert(
 from vitshrink.cli_publish import register as _register_publish  # noqa: E402
 
 _register_publish(app)
+
+from vitshrink.cli_init import register as _register_init  # noqa: E402
+
+_register_init(app)
 
 
 # ---------------------------------------------------------------- entry point
