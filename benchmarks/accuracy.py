@@ -41,7 +41,7 @@ def run_variant(name: str, method: str, knobs: dict, args: argparse.Namespace, s
             method=method, knobs=knobs, calib=str(assets / "imagenet-sample-dev"), eval_fraction=0.5,
             analysis_images=args.analysis_images,
             finetune=FinetuneConfig(steps=steps, lr=args.lr, batch_size=args.batch_size, seed=0),
-            output=Path(tmp) / name, bench_batch_size=32, bench_rounds=args.rounds,
+            output=Path(tmp) / name, bench_batch_size=32, bench_rounds=args.rounds, speed=not args.no_speed,
         )
         start = time.perf_counter()
         report = compress(config, progress=not args.quiet).report
@@ -53,13 +53,14 @@ def run_variant(name: str, method: str, knobs: dict, args: argparse.Namespace, s
         "top1_lost_points": 100 * (acc_o["top1"] - acc_c["top1"]),
         "agreement_top1": acc_c["agreement_top1"], "kl_to_reference": acc_c["kl_to_reference"],
         "eval_images": report["evaluation"]["images"], "train_images": report["calibration"]["train_images"],
-        "speed_ratio": report["speed"]["ratio"], "latency_ratio": report["speed"]["latency_ratio"],
+        "speed_ratio": report["speed"]["ratio"] if "speed" in report else None,
+        "latency_ratio": report["speed"]["latency_ratio"] if "speed" in report else None,
         "gflops_original": report["original"]["cost"]["gflops"], "gflops_compressed": report["compressed"]["cost"]["gflops"],
         "finetune_seconds": report["finetune"].get("seconds", 0.0), "wall_seconds": wall,
     }
     print(f"{name}: top-1 {100 * row['top1_original']:.1f} -> {100 * row['top1_compressed']:.1f} "
           f"({row['top1_lost_points']:+.1f} pts lost), agreement {100 * row['agreement_top1']:.1f}%, "
-          f"speed {row['speed_ratio']:.2f}x, GFLOPs {row['gflops_compressed']:.3f}/{row['gflops_original']:.3f}, "
+          f"speed {row['speed_ratio'] or 0:.2f}x, GFLOPs {row['gflops_compressed']:.3f}/{row['gflops_original']:.3f}, "
           f"fine-tune {row['finetune_seconds']:.0f}s", flush=True)
     return row
 
@@ -94,20 +95,29 @@ def main() -> None:
     parser.add_argument("--analysis-images", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--tome-match", default=None, help="variant whose measured speed ToMe is matched to")
+    parser.add_argument("--tome-r", type=int, default=None, help="run ToMe (off the shelf and fine-tuned) with this r")
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--no-speed", action="store_true",
+                        help="skip the in-run throughput comparison (take speed from benchmarks/speed.py on a quiet machine)")
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if not (Path(args.assets) / "deit_tiny_patch16_224.safetensors").is_file():
         sys.exit(f"error: no DeiT-tiny weights under {args.assets}: set VITSHRINK_ASSETS to ../shared/assets.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for text in args.variant:
         name, method, knobs = parse_variant(text)
         rows.append(run_variant(name, method, knobs, args, args.steps))
         _save(args, rows)
-    if args.tome_match:
-        target = next(r for r in rows if r["name"] == args.tome_match)["speed_ratio"]
-        r, ratio = match_tome_r(target, args.rounds)
-        print(f"ToMe r={r} measured {ratio:.2f}x against {args.tome_match}'s {target:.2f}x", flush=True)
+    if args.tome_match or args.tome_r:
+        if args.tome_r:
+            r = args.tome_r
+        else:
+            target = next(r for r in rows if r["name"] == args.tome_match)["speed_ratio"]
+            r, ratio = match_tome_r(target, args.rounds)
+            print(f"ToMe r={r} measured {ratio:.2f}x against {args.tome_match}'s {target:.2f}x", flush=True)
         rows.append(run_variant(f"tome-r{r}-off-the-shelf", "tome", {"tome": {"r": r}}, args, 0))
         _save(args, rows)
         rows.append(run_variant(f"tome-r{r}-fine-tuned", "tome", {"tome": {"r": r}}, args, args.steps))
