@@ -87,7 +87,7 @@ def count_gflops(model: nn.Module, input_size: tuple[int, ...], device: str = "c
     x = torch.randn(1, *input_size, device=device)
     was_training = model.training
     model.eval()
-    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter, torch.inference_mode():
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter, torch.no_grad():
         model(x)
     model.train(was_training)
     return counter.get_total_flops() / 2 / 1e9
