@@ -24,7 +24,6 @@ difference to ``none``) and writes JSON with every run, the command and the mach
 from __future__ import annotations
 
 import argparse
-import gzip
 import math
 import shlex
 import statistics
@@ -49,50 +48,8 @@ GREY_MEAN, GREY_STD = 0.2860, 0.3530  # as in train_reference.py
 INITS = ("none", "q", "k", "v", "qkv")
 SUBSET_SEED = 12345  # the training subset is the same for every run
 
-try:  # reuse the reference trainer's IDX reader and augmentation when it is there
-    sys.path.insert(0, str(HERE))
-    from train_reference import augment, load_fashion_mnist  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - same format, read the same way
-
-    def _read_idx(path: Path) -> np.ndarray:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
-            raw = handle.read()
-        magic = int.from_bytes(raw[0:4], "big")
-        ndim = magic & 0xFF
-        dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
-
-    def load_fashion_mnist(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(train_images, train_labels, test_images, test_labels)`` as uint8 arrays."""
-
-        def find(stem: str) -> Path:
-            for name in (f"{stem}.gz", stem):
-                if (data_dir / name).is_file():
-                    return data_dir / name
-            raise FileNotFoundError(
-                f"{data_dir / stem}(.gz) not found: apt-get install dataset-fashion-mnist"
-            )
-
-        return tuple(  # type: ignore[return-value]
-            _read_idx(find(stem))
-            for stem in (
-                "train-images-idx3-ubyte",
-                "train-labels-idx1-ubyte",
-                "t10k-images-idx3-ubyte",
-                "t10k-labels-idx1-ubyte",
-            )
-        )
-
-    def augment(x: torch.Tensor, pad: int, fill: float, gen: torch.Generator) -> torch.Tensor:
-        """Random crop with ``pad`` pixels of ``fill`` padding, then random horizontal flip."""
-        n, _, h, w = x.shape
-        padded = F.pad(x, (pad, pad, pad, pad), value=fill)
-        offs = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)
-        out = torch.stack(
-            [padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offs.tolist())]
-        )
-        flip = torch.rand(n, generator=gen) < 0.5
-        return torch.where(flip[:, None, None, None], out.flip(-1), out)
+sys.path.insert(0, str(HERE))
+from train_reference import augment, load_fashion_mnist  # noqa: E402  (the reference trainer's reader)
 
 
 def preprocess(images: np.ndarray) -> torch.Tensor:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers.cli import run_cli
 from vitshrink import load_model
-from vitshrink.cli import app, main
+from vitshrink.cli import app
 from vitshrink.cli_init import register
 from vitshrink.dct_init import dct_matrix
 
@@ -20,14 +21,7 @@ VIT = ["vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10"]
 DIM = 192  # vit_tiny's embedding width: each q/k/v block of qkv is 192 x 192
 
 
-def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+run = run_cli
 
 
 def _qkv(folder: Path) -> list[torch.Tensor]:

@@ -11,8 +11,8 @@ import torch
 from timm.models._hub import save_for_hf
 
 from tests.conftest import write_images
+from tests.helpers.cli import run_cli
 from vitshrink import load_model
-from vitshrink.cli import main
 from vitshrink.compress import CompressConfig, compress
 from vitshrink.finetune import FinetuneConfig
 
@@ -36,14 +36,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+run = run_cli
 
 
 def test_load_folder_gives_the_saved_model(root: Path) -> None:
