@@ -26,6 +26,14 @@ def tiny_vit(**overrides) -> torch.nn.Module:
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
 
 
+def tiny_swin(**overrides) -> torch.nn.Module:
+    """A two-stage Swin (14x14 patches, 7x7 windows; the second block of stage 0 is shifted)."""
+    args = dict(img_size=56, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=7, num_classes=10)
+    args.update(overrides)
+    torch.manual_seed(0)
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **args).eval()
+
+
 @pytest.fixture
 def vit() -> torch.nn.Module:
     return tiny_vit()

@@ -11,7 +11,7 @@ import timm
 import torch
 from timm.models._hub import save_for_hf
 
-from tests.conftest import write_images
+from tests.conftest import tiny_swin, write_images
 from vitshrink.analysis import (
     AttentionAnalysis,
     analyze_attention,
@@ -24,19 +24,9 @@ from vitshrink.cli import main
 from vitshrink.errors import VitshrinkError
 
 
-def tiny_swin() -> torch.nn.Module:
+def sharp_swin() -> torch.nn.Module:
     """14x14 patches, 7x7 windows: stage 0 has 4 windows (block 1 shifted, masked), stage 1 one window."""
-    torch.manual_seed(0)
-    model = timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        pretrained=False,
-        img_size=56,
-        embed_dim=24,
-        depths=(2, 2),
-        num_heads=(2, 4),
-        window_size=7,
-        num_classes=10,
-    )
+    model = tiny_swin()
     with torch.no_grad():  # image-dependent maps and a visible relative position bias, as after training
         for _, attn in swin_attention_blocks(model).values():
             attn.qkv.weight.mul_(5.0)
@@ -64,7 +54,7 @@ def _block_inputs(
 
 
 def test_shapes_ranges_json_and_plot(tmp_path: Path) -> None:
-    model = tiny_swin()
+    model = sharp_swin()
     analysis = analyze_attention(model, torch.randn(8, 3, 56, 56), batch_size=3, rank_images=2)
     assert isinstance(analysis, AttentionAnalysis) and analysis.windowed
     assert analysis.depth == 4 and analysis.num_tokens == 49 and analysis.num_prefix_tokens == 0
@@ -88,7 +78,7 @@ def test_shapes_ranges_json_and_plot(tmp_path: Path) -> None:
 
 
 def test_maps_match_the_model_including_bias_and_shift_mask() -> None:
-    model = tiny_swin()
+    model = sharp_swin()
     image = torch.randn(1, 3, 56, 56)
     # what the model computes (unfused path): the softmax output of every block
     captured: dict[int, torch.Tensor] = {}
@@ -121,7 +111,7 @@ def test_maps_match_the_model_including_bias_and_shift_mask() -> None:
 
 def test_statistics_follow_their_definition() -> None:
     """similarity = sum_w ||M_w - U_w||^2 / mean_i sum_w ||A_iw - U_w||^2, U_w = softmax(mask_w)."""
-    model = tiny_swin()
+    model = sharp_swin()
     images = torch.randn(8, 3, 56, 56)
     analysis = analyze_attention(model, images, batch_size=3, rank_images=3)
     inputs = _block_inputs(model, images)
@@ -144,7 +134,7 @@ def test_statistics_follow_their_definition() -> None:
 def test_random_images_differ_and_dct_rewrite_at_keep_1_is_transparent() -> None:
     from vitshrink.methods import get_method
 
-    model = tiny_swin()
+    model = sharp_swin()
     images = torch.randn(8, 3, 56, 56)
     base = analyze_attention(model, images, rank_images=2)
     assert all(s.similarity < 1.0 - 1e-4 for s in base.layers)
@@ -161,7 +151,7 @@ def test_random_images_differ_and_dct_rewrite_at_keep_1_is_transparent() -> None
 
 
 def test_dgssa_helpers_and_other_swins_are_refused_clearly() -> None:
-    model = tiny_swin()
+    model = sharp_swin()
     with pytest.raises(VitshrinkError, match="ViT/DeiT only"):
         vit_attention_blocks(model, "dgssa")
     with pytest.raises(VitshrinkError, match="block 9 is out of range"):
@@ -182,7 +172,7 @@ def test_dgssa_helpers_and_other_swins_are_refused_clearly() -> None:
 
 
 def test_cli_analyze_swin_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    save_for_hf(tiny_swin(), tmp_path / "swin", safe_serialization=True)
+    save_for_hf(sharp_swin(), tmp_path / "swin", safe_serialization=True)
     write_images(tmp_path / "images", 8, size=64)
     out_dir = tmp_path / "analysis"
     try:

@@ -10,6 +10,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tests.conftest import tiny_swin
 from vitshrink.dct_init import apply_dct_init, dct_init_, dct_matrix
 from vitshrink.errors import VitshrinkError
 from vitshrink.methods.base import CalibrationContext, get_method
@@ -32,16 +33,7 @@ def _vit() -> torch.nn.Module:
 
 def _swin() -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        pretrained=False,
-        img_size=56,
-        embed_dim=24,
-        depths=(2, 2),
-        num_heads=(2, 4),
-        window_size=7,
-        num_classes=10,
-    ).eval()
+    return tiny_swin().eval()
 
 
 @pytest.fixture(scope="module")

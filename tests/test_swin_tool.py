@@ -6,25 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from timm.models._hub import save_for_hf
 
-from tests.conftest import write_images
+from tests.conftest import tiny_swin, write_images
 from tests.helpers.cli import run_cli
 from vitshrink import load_model
 from vitshrink.compress import CompressConfig, compress
 from vitshrink.finetune import FinetuneConfig
-
-
-def tiny_swin(**overrides: object) -> torch.nn.Module:
-    """14x14 patches, 7x7 windows, two stages (the second block of stage 0 is shifted)."""
-    args: dict[str, object] = dict(
-        img_size=56, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=7, num_classes=10
-    )
-    args.update(overrides)
-    torch.manual_seed(0)
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **args).eval()
 
 
 @pytest.fixture(scope="module")

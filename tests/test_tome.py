@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 
+from tests.conftest import tiny_swin
 from vitshrink.errors import VitshrinkError
 from vitshrink.methods.base import get_method
 from vitshrink.methods.tome import ToMeBlock, tome_schedule
@@ -130,16 +131,7 @@ def test_errors(vit: torch.nn.Module) -> None:
     model, params = _tome(vit, r=1)
     with pytest.raises(VitshrinkError, match="already applied"):
         method.apply(model, params, None)
-    swin = timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        pretrained=False,
-        img_size=56,
-        embed_dim=24,
-        depths=(2, 2),
-        num_heads=(2, 4),
-        window_size=7,
-        num_classes=10,
-    )
+    swin = tiny_swin()
     with pytest.raises(VitshrinkError, match="ViT"):
         method.check(swin)
 
