@@ -86,12 +86,13 @@ def kl(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
     return F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="batchmean").item()
 
 
-def block_mse(student: nn.Module, teacher: nn.Module, x: torch.Tensor, index: int) -> float:
+def block_mse(student: nn.Module, teacher: nn.Module, x: torch.Tensor, index: int, tokens: int | None = None) -> float:
+    """Normalised MSE between the outputs of ``blocks[index]`` (only the first ``tokens`` if given)."""
     outs: dict[str, torch.Tensor] = {}
     student.to(device_of(teacher))
     x = x.to(device_of(teacher))
     handles = [
-        m.blocks[index].register_forward_hook(lambda _m, _a, o, k=k: outs.__setitem__(k, o))
+        m.blocks[index].register_forward_hook(lambda _m, _a, o, k=k: outs.__setitem__(k, o[:, :tokens]))
         for k, m in (("s", student), ("t", teacher))
     ]
     with torch.no_grad():
@@ -169,6 +170,30 @@ def test_feature_layers_token_mismatch_and_range() -> None:
     assert not student.blocks[0]._forward_hooks and not teacher.blocks[0]._forward_hooks
     with pytest.raises(VitshrinkError, match="out of range"):
         distill(student, teacher, random_set(8), config, feature_layers=[5], progress=False)
+
+
+def test_prefix_layers_match_class_tokens_across_token_counts() -> None:
+    """A student with fewer patch tokens is held to the teacher's class token in every block."""
+    from vitshrink.compress import class_token_layers
+    from vitshrink.methods.glad import Glad
+
+    x = held_out()
+    after = {}
+    for weight in (0.0, 20.0):
+        teacher, student = teacher_student(seed=3, noise=0.0)
+        glad = Glad()
+        glad.apply(student, glad.resolve(student, {"layers": [1], "tokens": [4]}, None), None)  # 16 -> 4 patches
+        layers, prefix = class_token_layers(student, [])
+        assert (layers, prefix) == ([0, 1], 1)
+        before = block_mse(student, teacher, x, 1, tokens=1)
+        config = FinetuneConfig(steps=12, lr=1e-3, batch_size=8, class_token_weight=weight)
+        distill(student, teacher, random_set(), config, prefix_layers=layers, num_prefix_tokens=prefix, progress=False)
+        after[weight] = block_mse(student, teacher, x, 1, tokens=1)
+        assert not student.blocks[1]._forward_hooks and not teacher.blocks[1]._forward_hooks
+    # logits alone let the class token drift far (x60 here); the per-block term keeps it near the teacher's
+    assert after[20.0] < before and after[20.0] < 0.1 * after[0.0], (before, after)
+    with pytest.raises(VitshrinkError, match="class_token_weight"):
+        FinetuneConfig(class_token_weight=-1).validate()
 
 
 def test_steps_zero_leaves_student_untouched() -> None:

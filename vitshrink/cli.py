@@ -320,7 +320,7 @@ def _build_compress_config(args: dict[str, Any]):
         knobs.setdefault(name, {}).update(values)
 
     ft_values = dict(recipe.get("finetune") or {})
-    for key in ("steps", "lr", "grad_accum", "temperature", "mixed_precision", "seed"):
+    for key in ("steps", "lr", "grad_accum", "temperature", "class_token_weight", "mixed_precision", "seed"):
         if args[key] is not None:
             ft_values[key] = args[key]
     if args["batch_size"] is not None:
@@ -371,6 +371,7 @@ def compress(
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Fine-tune batch size per process (default: 32).")] = None,
     grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Gradient accumulation steps (default: 1).")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", help="Distillation temperature (default: 2).")] = None,
+    class_token_weight: Annotated[float | None, typer.Option("--class-token-weight", min=0.0, help="Weight of matching the teacher's class token after every block (0 turns it off) (default: 1).")] = None,
     mixed_precision: Annotated[str | None, typer.Option("--mixed-precision", help="auto (bf16 where the GPU supports it), no, bf16, fp16.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for data order and splits (default: 0).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder (default: out/<model>-<methods>).")] = None,

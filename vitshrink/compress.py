@@ -142,6 +142,7 @@ def compress(config: CompressConfig, *, progress: bool = True) -> CompressResult
     for entry in applied:
         _log(show, f"Applied [bold]{entry['name']}[/]: {entry['params']}")
     feature_layers = sorted({i for entry in applied for i in get_method(entry["name"]).distill_layers(entry["params"])})
+    prefix_layers, num_prefix = class_token_layers(student, feature_layers)
 
     # 4. distillation fine-tune
     ft_result = None
@@ -153,7 +154,7 @@ def compress(config: CompressConfig, *, progress: bool = True) -> CompressResult
             raise VitshrinkError(f"No readable training images in '{train_src.name}'.")
         ft_result = distill(
             student, teacher, LabelledImages(train_set, good), config.finetune, feature_layers=feature_layers,
-            state_dir=state_dir, resume=config.resume, progress=show, accelerator=accelerator,
+            prefix_layers=prefix_layers, num_prefix_tokens=num_prefix, state_dir=state_dir, resume=config.resume, progress=show, accelerator=accelerator,
         )
         student = ft_result.student if ft_result.student is not None else student
     student.eval()
@@ -173,7 +174,7 @@ def compress(config: CompressConfig, *, progress: bool = True) -> CompressResult
                         "skipped_images": len(set(skipped))},
         "evaluation": {"data": eval_src.name, "images": acc.images, "skipped": acc.skipped},
         "finetune": {**_finetune_dict(config.finetune), **_ft_summary(ft_result),
-                     "feature_layers": feature_layers,
+                     "feature_layers": feature_layers, "class_token_layers": prefix_layers,
                      "processes": accelerator.num_processes if accelerator is not None else 1},
         "original": {"accuracy": {"top1": acc.reference_top1, "top5": acc.reference_top5}},
         "compressed": {"accuracy": {k: v for k, v in acc.to_dict().items() if not k.startswith("reference")}},
@@ -208,6 +209,20 @@ def apply_methods(
             method.apply(model, params, ctx)
         applied.append({"name": name, "params": params})
     return applied
+
+
+def class_token_layers(student: nn.Module, feature_layers: list[int]) -> tuple[list[int], int]:
+    """Blocks of a ViT student whose prefix (class) tokens the fine-tune matches, and how many tokens.
+
+    Every block not already matched whole: the prefix tokens line up with the teacher's even where
+    GLAD or ToMe changed the patch-token count. Models without blocks or prefix tokens (Swin, global
+    average pooling) get none.
+    """
+    blocks = getattr(student, "blocks", None)
+    prefix = int(getattr(student, "num_prefix_tokens", 0) or 0)
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or prefix < 1:
+        return [], 0
+    return [i for i in range(len(blocks)) if i not in set(feature_layers)], prefix
 
 
 def _split_data(config: CompressConfig, source: ImageSource) -> tuple[ImageSource, ImageSource]:

@@ -6,7 +6,11 @@ unlabelled training images:
 * KL(teacher || student) on temperature-softened logits, scaled by ``T**2``;
 * optionally, for each block index in ``feature_layers``, the MSE between the student's and the
   teacher's output of ``blocks[i]``, divided by the teacher feature's mean square (scale-free),
-  averaged over the layers and weighted by ``feature_weight``.
+  averaged over the layers and weighted by ``feature_weight``;
+* optionally, for each block index in ``prefix_layers``, the same normalised MSE on the prefix
+  (class/distillation) tokens only, weighted by ``class_token_weight``. These tokens exist in both
+  models even after a method has reduced or merged the patch tokens, so every block of a GLAD or
+  ToMe student gets a teacher signal, not just the logits.
 
 Training runs through :class:`accelerate.Accelerator`, so the same call works on one CPU, one GPU,
 or under ``accelerate launch --multi_gpu --num_processes N`` (``ACCELERATE_USE_CPU=true`` for
@@ -66,6 +70,8 @@ class FinetuneConfig:
     """Temperature of the logit KL (the loss is scaled by T**2)."""
     feature_weight: float = 1.0
     """Weight of the per-layer feature MSE (normalised by the teacher feature's mean square)."""
+    class_token_weight: float = 1.0
+    """Weight of the per-layer MSE on the prefix (class) tokens at ``prefix_layers`` (normalised likewise)."""
     mixed_precision: str = "auto"
     """'auto' (bf16 on CUDA devices that support it, else 'no'), 'no', 'bf16' or 'fp16'."""
     seed: int = 0
@@ -93,6 +99,7 @@ class FinetuneConfig:
             ),
             (self.temperature > 0, f"temperature={self.temperature} must be positive, e.g. 2.0."),
             (self.feature_weight >= 0, f"feature_weight={self.feature_weight} must be >= 0."),
+            (self.class_token_weight >= 0, f"class_token_weight={self.class_token_weight} must be >= 0."),
             (
                 self.mixed_precision in _MIXED_PRECISION,
                 f"mixed_precision='{self.mixed_precision}' is not one of {', '.join(_MIXED_PRECISION)}.",
@@ -140,11 +147,19 @@ def distill_loss(
     teacher_logits: torch.Tensor,
     student_features: Sequence[torch.Tensor] = (),
     teacher_features: Sequence[torch.Tensor] = (),
+    student_prefix: Sequence[torch.Tensor] = (),
+    teacher_prefix: Sequence[torch.Tensor] = (),
     *,
     temperature: float = 2.0,
     feature_weight: float = 1.0,
+    class_token_weight: float = 1.0,
 ) -> torch.Tensor:
-    """KL(teacher || student) at temperature T (times T**2) plus the weighted, normalised feature MSE."""
+    """KL(teacher || student) at temperature T (times T**2) plus the weighted, normalised feature MSEs.
+
+    ``student_features``/``teacher_features`` are whole block outputs; ``student_prefix``/
+    ``teacher_prefix`` are the prefix tokens of block outputs. Each pair's MSE is divided by the
+    teacher tensor's mean square; each group is averaged over its layers and weighted.
+    """
     t = temperature
     loss = (
         F.kl_div(
@@ -157,13 +172,19 @@ def distill_loss(
         * t
     )
     if student_features and feature_weight > 0:
-        terms = []
-        for s, f in zip(student_features, teacher_features, strict=True):
-            f = f.detach().float()
-            scale = f.pow(2).mean().clamp_min(1e-6)
-            terms.append(F.mse_loss(s.float(), f) / scale)
-        loss = loss + feature_weight * torch.stack(terms).mean()
+        loss = loss + feature_weight * _normalised_mse(student_features, teacher_features)
+    if student_prefix and class_token_weight > 0:
+        loss = loss + class_token_weight * _normalised_mse(student_prefix, teacher_prefix)
     return loss
+
+
+def _normalised_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over pairs of MSE(s, t) / mean(t**2): scale-free, so every layer counts alike."""
+    terms = []
+    for s, t in zip(student, teacher, strict=True):
+        t = t.detach().float()
+        terms.append(F.mse_loss(s.float(), t) / t.pow(2).mean().clamp_min(1e-6))
+    return torch.stack(terms).mean()
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -224,8 +245,8 @@ class _FeatureTap:
 
         return hook
 
-    def take(self, layers: Sequence[int]) -> list[torch.Tensor]:
-        out = [self.outputs[i] for i in layers]
+    def take(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        out = {i: self.outputs[i] for i in layers}
         self.outputs.clear()
         return out
 
@@ -351,6 +372,8 @@ def distill(
     config: FinetuneConfig,
     *,
     feature_layers: Sequence[int] = (),
+    prefix_layers: Sequence[int] = (),
+    num_prefix_tokens: int = 1,
     state_dir: Path | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -358,7 +381,9 @@ def distill(
 ) -> FinetuneResult:
     """Fine-tune ``student`` to match ``teacher`` on ``train_set`` for ``config.steps`` optimizer steps.
 
-    ``train_set`` yields ``(image_tensor, label)``; labels are ignored. The student is trained in
+    ``train_set`` yields ``(image_tensor, label)``; labels are ignored. ``feature_layers`` are blocks
+    whose whole outputs are matched, ``prefix_layers`` blocks whose first ``num_prefix_tokens`` output
+    tokens (class/distillation) are matched (see :func:`distill_loss`). The student is trained in
     place (and returned as ``result.student``); the teacher stays frozen. With ``state_dir`` a
     resumable state is saved every ``config.save_every`` steps to ``state_dir/checkpoint``;
     ``resume=True`` continues from it (without ``resume`` an old state there is overwritten).
@@ -375,6 +400,8 @@ def distill(
     if student is teacher:
         raise VitshrinkError("The student and the teacher are the same module: pass a copy of the original.")
     layers = sorted({int(i) for i in feature_layers})
+    prefix = sorted({int(i) for i in prefix_layers} - set(layers)) if num_prefix_tokens > 0 else []
+    tapped = sorted(set(layers) | set(prefix))
     if resume and state_dir is None:
         raise VitshrinkError("resume=True needs state_dir: give the folder the interrupted run saved to.")
     state_dir = Path(state_dir) if state_dir is not None else None
@@ -409,8 +436,8 @@ def distill(
     taps: list[_FeatureTap] = []
     model: nn.Module = student
     try:
-        if layers:
-            taps = [_FeatureTap(student, layers, "student"), _FeatureTap(teacher, layers, "teacher")]
+        if tapped:
+            taps = [_FeatureTap(student, tapped, "student"), _FeatureTap(teacher, tapped, "teacher")]
         start_step = resume_from[1] if resume_from else 0
         # A resumed run sees a different (still seeded) data order than the interrupted one.
         generator = torch.Generator().manual_seed(config.seed + start_step)
@@ -454,16 +481,21 @@ def distill(
                     with torch.no_grad(), accelerator.autocast():
                         teacher_logits = teacher(images)
                     student_logits = model(images)
-                    s_feats = taps[0].take(layers) if taps else []
-                    t_feats = taps[1].take(layers) if taps else []
+                    s_out = taps[0].take(tapped) if taps else {}
+                    t_out = taps[1].take(tapped) if taps else {}
+                    s_feats, t_feats = [s_out[i] for i in layers], [t_out[i] for i in layers]
                     _check_features(layers, s_feats, t_feats)
+                    p = num_prefix_tokens
                     loss = distill_loss(
                         student_logits,
                         teacher_logits,
                         s_feats,
                         t_feats,
+                        [s_out[i][:, :p] for i in prefix],
+                        [t_out[i][:, :p] for i in prefix],
                         temperature=config.temperature,
                         feature_weight=config.feature_weight,
+                        class_token_weight=config.class_token_weight,
                     )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
