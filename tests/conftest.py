@@ -18,12 +18,26 @@ torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves a core
 ASSETS = Path(os.environ["VITSHRINK_ASSETS"]) if os.environ.get("VITSHRINK_ASSETS") else None
 
 
-def tiny_vit(**overrides) -> torch.nn.Module:
-    """A 4x4-token ViT with random weights, fast enough for any test."""
+def tiny_vit(arch: str = "vit_tiny_patch16_224", **overrides) -> torch.nn.Module:
+    """A 4x4-token ViT (or another timm ViT ``arch``) with random weights, fast enough for any test."""
     args = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
     args.update(overrides)
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
+    return timm.create_model(arch, pretrained=False, **args).eval()
+
+
+def with_method(model: torch.nn.Module, name: str, **knobs) -> tuple[torch.nn.Module, dict]:
+    """A copy of ``model`` rewritten by method ``name`` (no calibration data), and its resolved params."""
+    import copy
+
+    from vitshrink.methods.base import get_method
+
+    model = copy.deepcopy(model)
+    method = get_method(name)
+    method.check(model)
+    params = method.resolve(model, dict(knobs), None)
+    method.apply(model, params, None)
+    return model, params
 
 
 def tiny_swin(**overrides) -> torch.nn.Module:

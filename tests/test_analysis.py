@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 
+from tests.conftest import tiny_vit as conftest_vit
 from vitshrink.analysis import (
     AttentionAnalysis,
     LayerStats,
@@ -20,10 +21,7 @@ from vitshrink.errors import VitshrinkError
 
 
 def tiny_vit(**kwargs: object) -> torch.nn.Module:
-    torch.manual_seed(0)
-    args = dict(img_size=32, patch_size=4, embed_dim=48, depth=3, num_heads=3, num_classes=10)
-    args.update(kwargs)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
+    return conftest_vit(**{"patch_size": 4, "embed_dim": 48, "depth": 3, "num_heads": 3, **kwargs})
 
 
 def test_shapes_ranges_and_save(tmp_path) -> None:
@@ -77,16 +75,7 @@ def test_no_class_token_and_distilled_models() -> None:
     a = analyze_attention(avg, torch.randn(8, 3, 32, 32), rank_images=2)
     assert a.num_prefix_tokens == 0 and a.num_tokens == 64
     torch.manual_seed(0)
-    dist = timm.create_model(
-        "deit_tiny_distilled_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=4,
-        embed_dim=48,
-        depth=2,
-        num_heads=3,
-        num_classes=10,
-    ).eval()
+    dist = conftest_vit("deit_tiny_distilled_patch16_224", patch_size=4, embed_dim=48, depth=2, num_heads=3)
     d = analyze_attention(dist, torch.randn(8, 3, 32, 32), rank_images=2)
     assert d.num_prefix_tokens == 2 and d.num_tokens == 66
 

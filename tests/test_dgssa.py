@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 
+from tests.conftest import tiny_swin
+from tests.conftest import tiny_vit as conftest_vit
 from vitshrink.analysis import analyze_attention
 from vitshrink.errors import VitshrinkError
 from vitshrink.methods import CalibrationContext, get_method
@@ -15,10 +16,7 @@ from vitshrink.methods.dgssa import StaticAttention
 
 
 def tiny_vit(**kwargs: object) -> torch.nn.Module:
-    torch.manual_seed(0)
-    args = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
-    args.update(kwargs)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
+    model = conftest_vit(**{"patch_size": 4, "embed_dim": 48, "num_heads": 3, **kwargs})
     with torch.no_grad():  # sharpen q and k so attention is far from uniform (random init is near it)
         for block in model.blocks:
             block.attn.qkv.weight[: 2 * block.attn.attn_dim] *= 6.0
@@ -114,16 +112,7 @@ def test_auto_uses_analysis_suggestion() -> None:
 def test_distilled_and_no_class_token_models() -> None:
     for model in (
         tiny_vit(class_token=False, global_pool="avg", depth=2),
-        timm.create_model(
-            "deit_tiny_distilled_patch16_224",
-            pretrained=False,
-            img_size=32,
-            patch_size=4,
-            embed_dim=48,
-            depth=2,
-            num_heads=3,
-            num_classes=10,
-        ).eval(),
+        conftest_vit("deit_tiny_distilled_patch16_224", patch_size=4, embed_dim=48, depth=2, num_heads=3),
     ):
         image = torch.randn(1, 3, 32, 32)
         reference = model(image)
@@ -153,17 +142,7 @@ def test_bad_input_errors() -> None:
         method.resolve(model, {"layers": [7]}, None)
     with pytest.raises(VitshrinkError, match="no knob 'heads'"):
         method.resolve(model, {"heads": 2}, None)
-    swin = timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=4,
-        window_size=4,
-        embed_dim=24,
-        depths=(1, 1),
-        num_heads=(1, 2),
-        num_classes=10,
-    )
+    swin = tiny_swin()
     with pytest.raises(VitshrinkError, match="ViT/DeiT only"):
         method.check(swin)
 

@@ -9,6 +9,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from tests.conftest import tiny_vit, with_method
 from vitshrink.errors import VitshrinkError
 from vitshrink.methods.base import METHODS, get_method
 from vitshrink.methods.dual import DualPathAttention, semantic_log_mass
@@ -22,10 +23,7 @@ if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
 
 
 def _vit(**kw: object) -> torch.nn.Module:
-    torch.manual_seed(0)
-    args = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
-    args.update(kw)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
+    return tiny_vit(**{"patch_size": 4, "embed_dim": 48, "depth": 4, "num_heads": 3, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +38,7 @@ def images() -> torch.Tensor:
 
 
 def _dual(model: torch.nn.Module, **knobs: object) -> tuple[torch.nn.Module, dict]:
-    model = copy.deepcopy(model)
-    method = get_method("dual")
-    params = method.resolve(model, dict(knobs), None)
-    method.apply(model, params, None)
-    return model, params
+    return with_method(model, "dual", **knobs)
 
 
 def _flops(model: torch.nn.Module) -> int:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 
+from tests.conftest import tiny_swin
+from tests.conftest import tiny_vit as conftest_vit
 from vitshrink.errors import VitshrinkError
 from vitshrink.methods import CalibrationContext, get_method
 from vitshrink.methods.dgssa import StaticAttention
@@ -20,10 +21,7 @@ from vitshrink.methods.glad import (
 
 
 def tiny_vit(**kwargs: object) -> torch.nn.Module:
-    torch.manual_seed(0)
-    args = dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10)
-    args.update(kwargs)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
+    return conftest_vit(**{"patch_size": 4, "embed_dim": 48, "depth": 6, "num_heads": 3, **kwargs})
 
 
 def test_pool_matrix_and_grids() -> None:
@@ -85,16 +83,7 @@ def test_tokens_drop_at_each_stage(init: str) -> None:
 
 def test_explicit_tokens_and_prefix_passthrough() -> None:
     torch.manual_seed(0)
-    model = timm.create_model(
-        "deit_tiny_distilled_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=4,
-        embed_dim=48,
-        depth=4,
-        num_heads=3,
-        num_classes=10,
-    ).eval()
+    model = conftest_vit("deit_tiny_distilled_patch16_224", patch_size=4, embed_dim=48, depth=4, num_heads=3)
     method = get_method("glad")
     params = method.resolve(model, {"layers": "2", "tokens": "16", "bias": False}, None)
     method.apply(model, params, CalibrationContext(images=torch.randn(4, 3, 32, 32)))
@@ -194,16 +183,6 @@ def test_errors() -> None:
         method.resolve(model, {}, None)
     with pytest.raises(VitshrinkError, match="expects 65 tokens but got 10"):
         model.blocks[3](torch.randn(1, 10, 48))
-    swin = timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=4,
-        window_size=4,
-        embed_dim=24,
-        depths=(1, 1),
-        num_heads=(1, 2),
-        num_classes=10,
-    )
+    swin = tiny_swin()
     with pytest.raises(VitshrinkError, match="glad needs a global token sequence"):
         method.check(swin)

@@ -5,20 +5,16 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 
-from tests.conftest import tiny_swin
+from tests.conftest import tiny_swin, tiny_vit, with_method
 from vitshrink.errors import VitshrinkError
 from vitshrink.methods.base import get_method
 from vitshrink.methods.tome import ToMeBlock, tome_schedule
 
 
 def _vit(**kw: object) -> torch.nn.Module:
-    torch.manual_seed(0)
-    args = dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10)
-    args.update(kw)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
+    return tiny_vit(**{"patch_size": 4, "embed_dim": 48, "depth": 6, "num_heads": 3, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +29,7 @@ def images() -> torch.Tensor:
 
 
 def _tome(model: torch.nn.Module, **knobs: object) -> tuple[torch.nn.Module, dict]:
-    model = copy.deepcopy(model)
-    method = get_method("tome")
-    method.check(model)
-    params = method.resolve(model, dict(knobs), None)
-    method.apply(model, params, None)
-    return model, params
+    return with_method(model, "tome", **knobs)
 
 
 def _token_counts(model: torch.nn.Module, x: torch.Tensor) -> list[int]:
