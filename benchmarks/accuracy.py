@@ -6,7 +6,7 @@ by the fine-tune, for evaluation against the original model. The throughput rati
 the same run (batch 32, fp32, interleaved with the original).
 
     VITSHRINK_ASSETS=../shared/assets python benchmarks/accuracy.py \
-        --variant default=recipe:deit_tiny --variant tome-ft="tome;tome.r=12" --steps 300 \
+        --variant default=recipe:deit_tiny --variant tome-ft="tome;tome.r=12" --steps 300 --threads 1 \
         --output benchmarks/results/accuracy_deit_tiny.json
 
 `--tome-match NAME` adds ToMe at the speed measured for variant NAME: r is chosen by measuring
@@ -40,7 +40,8 @@ def run_variant(name: str, method: str, knobs: dict, args: argparse.Namespace, s
             model=str(assets / "deit_tiny_patch16_224.safetensors"), arch="deit_tiny_patch16_224",
             method=method, knobs=knobs, calib=str(assets / "imagenet-sample-dev"), eval_fraction=0.5,
             analysis_images=args.analysis_images,
-            finetune=FinetuneConfig(steps=steps, lr=args.lr, batch_size=args.batch_size, seed=0),
+            finetune=FinetuneConfig(steps=steps, lr=args.lr, batch_size=args.batch_size, seed=0,
+                                    temperature=args.temperature, class_token_weight=args.class_token_weight),
             output=Path(tmp) / name, bench_batch_size=32, bench_rounds=args.rounds, speed=not args.no_speed,
         )
         start = time.perf_counter()
@@ -90,7 +91,10 @@ def main() -> None:
     parser.add_argument("--assets", default=os.environ.get("VITSHRINK_ASSETS", "../shared/assets"))
     parser.add_argument("--variant", action="append", default=[])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--class-token-weight", type=float, default=1.0,
+                        help="weight of matching the teacher's class token after every block (0: logits only)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--analysis-images", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=10)

@@ -23,7 +23,8 @@ def _machine(data: dict[str, Any]) -> str:
 
 
 def _header(data: dict[str, Any]) -> list[str]:
-    return [f"Command: `{data.get('command', '?')}`", "", f"Machine: {_machine(data)}", ""]
+    note = [f"Note: {data['note']}", ""] if data.get("note") else []
+    return [f"Command: `{data.get('command', '?')}`", "", f"Machine: {_machine(data)}", "", *note]
 
 
 def speed_table(data: dict[str, Any]) -> list[str]:
@@ -90,6 +91,17 @@ def dct_init_table(data: dict[str, Any]) -> list[str]:
         "", table(data["summary"])]
 
 
+def analysis_table(data: dict[str, Any]) -> list[str]:
+    """`vitshrink analyze` output: per-block similarity across images and effective-rank fraction."""
+    a = data["analysis"]
+    lines = _header(data) + [
+        f"{a['num_images']} images, {a['num_tokens']} tokens; suggested: {a.get('suggested')}.", "",
+        "| block | similarity | effective rank / N |", "| --- | --- | --- |"]
+    for layer in a["layers"]:
+        lines.append(f"| {layer['index']} | {layer['similarity']:.3f} | {layer['effective_rank_fraction']:.3f} |")
+    return lines
+
+
 def _short(params: dict[str, Any]) -> str:
     keep = {k: v for k, v in params.items() if k in ("layers", "tokens", "r", "keep", "basis", "init")}
     return ", ".join(f"{k}={v}" for k, v in keep.items())
@@ -110,6 +122,8 @@ def main() -> None:
             out += bench_table(data)
         elif path.stem.startswith("dct_init"):
             out += dct_init_table(data)
+        elif path.stem.startswith("analysis"):
+            out += analysis_table(data)
         out.append("")
     (ROOT / "docs" / "results.md").write_text("\n".join(out))
     print(f"wrote docs/results.md from {len(list(RESULTS.glob('*.json')))} result files")
