@@ -82,7 +82,6 @@ def test_tokens_drop_at_each_stage(init: str) -> None:
 
 
 def test_explicit_tokens_and_prefix_passthrough() -> None:
-    torch.manual_seed(0)
     model = conftest_vit("deit_tiny_distilled_patch16_224", patch_size=4, embed_dim=48, depth=4, num_heads=3)
     method = get_method("glad")
     params = method.resolve(model, {"layers": "2", "tokens": "16", "bias": False}, None)

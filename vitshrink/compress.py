@@ -154,7 +154,8 @@ def compress(config: CompressConfig, *, progress: bool = True) -> CompressResult
             raise VitshrinkError(f"No readable training images in '{train_src.name}'.")
         ft_result = distill(
             student, teacher, LabelledImages(train_set, good), config.finetune, feature_layers=feature_layers,
-            prefix_layers=prefix_layers, num_prefix_tokens=num_prefix, state_dir=state_dir, resume=config.resume, progress=show, accelerator=accelerator,
+            prefix_layers=prefix_layers, num_prefix_tokens=num_prefix, state_dir=state_dir, resume=config.resume,
+            progress=show, accelerator=accelerator,
         )
         student = ft_result.student if ft_result.student is not None else student
     student.eval()
@@ -222,7 +223,8 @@ def class_token_layers(student: nn.Module, feature_layers: list[int]) -> tuple[l
     prefix = int(getattr(student, "num_prefix_tokens", 0) or 0)
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or prefix < 1:
         return [], 0
-    return [i for i in range(len(blocks)) if i not in set(feature_layers)], prefix
+    whole = set(feature_layers)
+    return [i for i in range(len(blocks)) if i not in whole], prefix
 
 
 def _split_data(config: CompressConfig, source: ImageSource) -> tuple[ImageSource, ImageSource]:
