@@ -30,6 +30,23 @@ def test_version_and_help(capsys: pytest.CaptureFixture) -> None:
         assert code == 0 and "Usage" in out
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compress", "--bogus"], "No such option: --bogus"),
+        (["eval"], "Missing argument"),
+        (["compress", "m", "--calib", "x", "--steps", "-1"], "Invalid value for '--steps'"),
+        (["compress", "m", "--calib", "x", "--class-token-weight", "-1"], "Invalid value for '--class-token-weight'"),
+        (["bench", "--batch-size", "abc", "m"], "Invalid value for '--batch-size'"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run(args, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert f"vitshrink {args[0]} --help" in lines[0] and "Traceback" not in err + out
+
+
 def test_eval_writes_report(model_dir: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     report_path = tmp_path / "report.json"
     code, out, err = run(

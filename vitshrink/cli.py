@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=False, prog_name="vitshrink")
     except VitshrinkError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
@@ -523,13 +523,18 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]: nothing was written at the output path.")
         sys.exit(130)
-    except Exception as exc:  # click usage errors come through here with standalone_mode=False
+    except Exception as exc:  # usage errors come through here with standalone_mode=False
         import click
+        from rich.markup import escape
+        from typer.exceptions import TyperException
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
+        # click's own exceptions, or (typer >= 0.29) those of the click copy vendored inside typer
+        if isinstance(exc, (click.exceptions.ClickException, TyperException)) and hasattr(exc, "format_message"):
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            err.print(f"[bold red]error:[/] {escape(exc.format_message())}{escape(hint)}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, (click.exceptions.Abort, typer.Abort)):
             sys.exit(1)
         raise
 
